@@ -1,0 +1,53 @@
+"""What the user sees: the coordinator alone prints a header, progress lines and a summary."""
+
+from __future__ import annotations
+
+import sys
+
+from .comm import Comm
+from .config import Config
+from .partition import plan
+
+
+class Reporter:
+    """Prints on the coordinator only; silent elsewhere and when quiet."""
+
+    def __init__(self, comm: Comm, quiet: bool = False, stream=None):
+        self.active = comm.is_coordinator and not quiet
+        self.world = comm.size
+        self.stream = stream or sys.stdout
+
+    def line(self, text: str) -> None:
+        if self.active:
+            print(text, file=self.stream, flush=True)
+
+    def header(self, config: Config, total_steps: int, steps_per_epoch: int, opts) -> None:
+        m = config.model
+        where = ("one process (collectives are identities)" if self.world == 1
+                 else f"{self.world} ranks, one device each; rank 0 also coordinates")
+        self.line(f"dualgpu_alexnet | preset {m.name} | {m.devices} device(s) on {where}")
+        crossing = [f"{p.name} {p.crossing_floats:,}" for p in plan(m) if p.crossing_floats]
+        if crossing and self.world > 1:
+            self.line("crossing devices per image per direction (floats): "
+                      + ", ".join(crossing) + "; logits gathered at the coordinator")
+        self.line(f"data {opts.data or 'embedded synthetic'} | batch {config.train.batch_size} | "
+                  f"{total_steps} steps ({steps_per_epoch} per epoch) | "
+                  f"schedule {config.optim.schedule} from lr {config.optim.lr:g}")
+
+    def step(self, r: dict, total_steps: int) -> None:
+        if not self.active:
+            return
+        share = 100 * r["comm_seconds"] / r["seconds"] if r["seconds"] else 0.0
+        wait = 100 * r["data_wait"] / r["seconds"] if r["seconds"] else 0.0
+        self.line(f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | "
+                  f"top-1 err {r['top1_err']:.3f} | lr {r['lr']:.2e} | "
+                  f"{r['images_per_s']:.1f} img/s | comm {share:.1f}% ({r['comm_mb']:.1f} MB) | "
+                  f"data wait {wait:.1f}%")
+
+    def eval(self, step: int, result: dict) -> None:
+        self.line(f"  validation at step {step}: top-1 err {result['top1_err']:.3f}, "
+                  f"top-5 err {result['top5_err']:.3f} ({result['images']} images)")
+
+    def final(self, summary: dict) -> None:
+        self.line(f"done: {summary['steps']} steps; checkpoint {summary['checkpoint']}; "
+                  f"peak memory per rank {summary['peak_rss_mib']:.0f} MiB")
