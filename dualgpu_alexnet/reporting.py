@@ -51,3 +51,34 @@ class Reporter:
     def final(self, summary: dict) -> None:
         self.line(f"done: {summary['steps']} steps; checkpoint {summary['checkpoint']}; "
                   f"peak memory per rank {summary['peak_rss_mib']:.0f} MiB")
+
+
+def summary_table(config: Config) -> str:
+    """Per-layer, per-device table: output shape, parameters, multiply-adds, crossing floats."""
+    m = config.model
+    rows = [("layer", "input from", "output per device", "params/device", "MACs/image/device",
+             "crossing floats/image")]
+    totals = [0, 0, 0]
+    for p in plan(m):
+        share = m.devices if p.owner == "split" else 1
+        c_dev = p.c_out // share
+        shape = f"{c_dev}x{p.post_hw}x{p.post_hw}" if p.spec.kind == "conv" else f"{c_dev}"
+        where = p.owner if p.owner != "split" else f"{m.devices} device(s)"
+        params, macs = p.params // share, p.macs // share
+        totals[0] += p.params
+        totals[1] += p.macs
+        totals[2] += p.crossing_floats
+        rows.append((p.name, f"{p.spec.input}", f"{shape} ({where})", f"{params:,}",
+                     f"{macs:,}", f"{p.crossing_floats:,}" if p.crossing_floats else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    per_image_bytes = totals[2] * 4
+    lines += ["",
+              f"preset {m.name}: {totals[0]:,} parameters in all "
+              f"({totals[0] * 4 / 2**20:.1f} MiB float32), {totals[1]:,} forward multiply-adds "
+              f"per image (training ~{6 * totals[1] / 1e9:.2f} GFLOP per image)",
+              f"crossing per image per direction: {totals[2]:,} floats = {per_image_bytes:,} "
+              f"bytes; per {config.train.batch_size}-image step, forward + backward: "
+              f"{2 * per_image_bytes * config.train.batch_size / 1e6:.2f} MB each way"]
+    return "\n".join(lines)
