@@ -49,7 +49,6 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" (embedded, generated in memory) or a path given by --data
     image_size: int = 256  # stored image side: shorter side resized to it, centre crop
     random_crop: bool = True  # train on random input_size crops (else the centre crop)
     flip: bool = True  # random horizontal flips in training
@@ -93,7 +92,8 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # minutes between periodic checkpoints (0 = off)
     keep_last: int = 3  # periodic checkpoints kept besides checkpoint.npz
     fail_at_step: int = -1  # fault injection: raise at this step (-1 = never)
-    fail_on_rank: int = 0  # fault injection: the rank that raises
+    fail_on_rank: int = 0  # fault injection: the rank that fails
+    fail_mode: str = "raise"  # fault injection: "raise", "exit" (dies), "hang" or "nan" (gradient)
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ _CHOICES = {
     ("model", "lrn_place"): ("before_pool", "after_pool"),
     ("model", "dtype"): ("float32", "float64"),
     ("optim", "schedule"): ("constant", "plateau", "step", "exp_steps"),
+    ("train", "fail_mode"): ("raise", "exit", "hang", "nan"),
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .comm import Comm
 from .config import Config
-from .data import DataStats, Dataset, average_views, eval_batches, to_input
+from .data import Dataset, DataStats, average_views, eval_batches, to_input
 from .layers import softmax
 from .metrics import topk_errors
 from .model import Net

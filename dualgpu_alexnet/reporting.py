@@ -71,7 +71,7 @@ def summary_table(config: Config) -> str:
         rows.append((p.name, f"{p.spec.input}", f"{shape} ({where})", f"{params:,}",
                      f"{macs:,}", f"{p.crossing_floats:,}" if p.crossing_floats else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     per_image_bytes = totals[2] * 4
     lines += ["",

@@ -2,19 +2,22 @@
 
 One step, in order (on one process every collective is an identity):
 
-1. the coordinator broadcasts the step header (learning rate, batch size) and the batch as uint8
-   crops plus per-image crop offsets, flips and colour noise; each device rebuilds the float input;
+1. the coordinator broadcasts the learning rate and the batch as uint8 crops plus per-image crop
+   offsets, flips and colour noise; each device rebuilds the float input (`share_batch`);
 2. forward through this rank's half of the net (all-gathers at conv3, fc6, fc7, fc8); the logits
    are gathered at the coordinator, which computes the loss and scatters the logit gradients;
 3. backward (reduce-scatters at the same layers), then one small all-reduce of flags (non-finite
    loss or gradients per layer, stop signals) so every rank takes the same decision;
 4. every device updates its own shard with the paper's SGD rule.
+
+Everything random is a function of (seed, step), so a resumed run repeats a straight one exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from .layers import softmax_cross_entropy
 from .metrics import JsonlWriter, topk_errors
 from .model import Net
 from .optim import SGD, LRSchedule
-from .partition import check_world_size, plan
+from .partition import check_world_size, full_shapes, plan
 from .reporting import Reporter
 from .runtime import StopFlag, current_rss_mib, peak_rss_mib
 from .state import gather_whole, scatter_whole
@@ -58,49 +61,31 @@ class RunOptions:
     quiet: bool = False  # no progress lines
 
 
-def _agree(comm: Comm, error: str | None) -> None:
-    """Raise the coordinator's error (a clear message) on every rank, or nothing."""
+def agree(comm: Comm, error: str | None) -> None:
+    """Raise the coordinator's error message as ValueError on every rank (nothing if None)."""
     text = comm.bcast_text(error or "", "error")
     if text:
         raise ValueError(text)
 
 
-def _prepare_run_dir(config: Config, opts: RunOptions) -> tuple[Path | None, str | None]:
-    """Coordinator only: the run directory, or the reason it cannot be used."""
-    if opts.resume:
-        return Path(opts.resume), None
-    out = Path(opts.out) if opts.out else Path("runs") / (
-        f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        return None, (f"{out} already holds files of a run; pass --resume {out} to continue it "
-                      "or choose another --out (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config.to_toml())
-    return out, None
-
-
-def _total_steps(config: Config, opts: RunOptions, n_train: int) -> int:
-    if opts.steps is not None:
-        return opts.steps
-    if config.train.steps > 0:
-        return config.train.steps
-    if opts.data is None and opts.epochs is None:
-        return config.train.demo_steps
-    epochs = opts.epochs if opts.epochs is not None else config.train.epochs
-    return max(1, math.ceil(epochs * n_train / config.train.batch_size))
+def bcast_ints(comm: Comm, values: list[int] | None, count: int, layer: str) -> list[int]:
+    """Small integers from the coordinator to every rank."""
+    array = np.array(values, np.int64) if comm.is_coordinator else None
+    return [int(v) for v in comm.bcast(array, (count,), np.int64, layer)]
 
 
 def share_batch(comm: Comm, batch: Batch | None, input_size: int) -> Batch:
-    """The coordinator's batch on every rank (labels stay at the coordinator)."""
-    n = comm.bcast(np.array([0 if batch is None else len(batch.images)], np.int64), (1,),
-                   np.int64, "batch")
-    n = int(n[0])
+    """The coordinator's batch on every rank: uint8 pixels plus (N, 6) crop/flip/noise floats.
+
+    Labels stay at the coordinator (the other ranks get zeros).
+    """
+    (n,) = bcast_ints(comm, None if batch is None else [len(batch.images)], 1, "batch")
     images = comm.bcast(None if batch is None else np.ascontiguousarray(batch.images),
                         (n, input_size, input_size, 3), np.uint8, "batch")
     aux = None
     if batch is not None:
-        aux = np.concatenate([batch.offsets.astype(np.float32), batch.flips[:, None],
-                              batch.noise], axis=1).astype(np.float32)
+        aux = np.concatenate([batch.offsets, batch.flips[:, None], batch.noise],
+                             axis=1).astype(np.float32)
     aux = comm.bcast(aux, (n, 6), np.float32, "batch")
     if batch is not None:
         return batch
@@ -121,109 +106,152 @@ class Trainer:
         check_world_size(config, comm.size)
         self.config, self.comm, self.opts = config, comm, opts
         self.report = Reporter(comm, quiet=opts.quiet)
-        self.train_ds = self.val_ds = None
-        error, stats = None, None
-        if comm.is_coordinator:
-            try:
-                self.train_ds, self.val_ds, stats = open_data(opts.data, config)
-                classes = len(self.train_ds.classes)
-                if classes > config.model.num_classes:
-                    error = (f"{opts.data or 'synthetic data'} has {classes} classes but "
-                             f"model.num_classes={config.model.num_classes}")
-            except (ValueError, OSError) as e:
-                error = str(e)
-        _agree(comm, error)
-        self.stats: DataStats = share_stats(comm, stats, config)
-        self.run_dir, error = None, None
-        if comm.is_coordinator:
-            try:
-                self.run_dir, error = _prepare_run_dir(config, opts)
-            except OSError as e:
-                error = f"cannot create the run directory: {e}"
-        _agree(comm, error)
+        resume_state = self._read_resume() if opts.resume else None
+        if resume_state and opts.data is None:
+            self.opts.data = resume_state[1].get("data_path")
+        self._open_data()
+        self.run_dir = self._prepare_run_dir()
         n_train = len(self.train_ds) if comm.is_coordinator else 0
-        self.steps_per_epoch = max(1, n_train // config.train.batch_size)
-        header = np.array([_total_steps(config, opts, n_train), self.steps_per_epoch], np.int64)
-        header = comm.bcast(header if comm.is_coordinator else None, (2,), np.int64, "setup")
-        self.total_steps, self.steps_per_epoch = int(header[0]), int(header[1])
-        self.start_step = 0
-        params = self._initial_params()
+        total, per_epoch = bcast_ints(comm, [self._total_steps(n_train),
+                                             max(1, n_train // config.train.batch_size)], 2,
+                                      "setup")
+        self.total_steps, self.steps_per_epoch = total, per_epoch
+        if opts.resume or opts.init:  # whole weights read at the coordinator, rows scattered
+            params = scatter_whole(self._initial_weights(resume_state), config.model, comm)
+        else:
+            params = init_shard(config.model, config.train.seed, comm.rank, comm.size)
         self.net = Net(config, comm, params)
         self.sgd = SGD(self.net.parameters(), self.net.gradients(), config.optim)
         self.schedule = LRSchedule(config.optim, self.total_steps)
+        self.start_step = 0
         if opts.resume:
-            self._restore_optimizer()
+            self._restore_training_state(resume_state)
         self.stop = StopFlag()
         self.manager = (ckpt.CheckpointManager(self.run_dir, config.train.keep_last)
                         if comm.is_coordinator else None)
 
-    # -- state -----------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------
 
-    def _load_whole(self, path: str, require_checksum: bool) -> dict | None:
-        """Read a checkpoint at the coordinator; raise the same clear error on every rank."""
-        whole, error = None, None
+    def _open_data(self) -> None:
+        self.train_ds = self.val_ds = None
+        error, stats = None, None
+        if self.comm.is_coordinator:
+            try:
+                self.train_ds, self.val_ds, stats = open_data(self.opts.data, self.config)
+                classes = len(self.train_ds.classes)
+                if classes > self.config.model.num_classes:
+                    error = (f"{self.opts.data or 'the synthetic data'} has {classes} classes "
+                             f"but model.num_classes={self.config.model.num_classes}")
+            except (ValueError, OSError) as e:
+                error = str(e)
+        agree(self.comm, error)
+        self.stats: DataStats = share_stats(self.comm, stats, self.config)
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Coordinator: the run directory (refusing one that holds another run); None elsewhere."""
+        out, error = None, None
+        if self.comm.is_coordinator:
+            if self.opts.resume:
+                out = Path(self.opts.resume)
+            else:
+                out = Path(self.opts.out) if self.opts.out else Path("runs") / (
+                    f"{self.config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                try:
+                    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                        error = (f"{out} already holds a run (or is not a folder); pass "
+                                 f"--resume {out} to continue it or choose another --out "
+                                 "(nothing was overwritten)")
+                    else:
+                        out.mkdir(parents=True, exist_ok=True)
+                        (out / "config.toml").write_text(self.config.to_toml())
+                except OSError as e:
+                    error = f"cannot create the run directory {out}: {e}"
+        agree(self.comm, error)
+        return out
+
+    def _total_steps(self, n_train: int) -> int:
+        opts, t = self.opts, self.config.train
+        if opts.steps is not None:
+            return opts.steps
+        if t.steps > 0:
+            return t.steps
+        if opts.data is None and opts.epochs is None:
+            return t.demo_steps
+        epochs = opts.epochs if opts.epochs is not None else t.epochs
+        return max(1, math.ceil(epochs * n_train / t.batch_size))
+
+    def _load(self, path: str | Path, require_checksum: bool) -> tuple[dict, dict] | None:
+        """Coordinator: read and shape-check a checkpoint; the same clear error on every rank."""
+        loaded, error = None, None
         if self.comm.is_coordinator:
             try:
                 tensors, meta = ckpt.load_checkpoint(path, require_checksum=require_checksum)
-                expected = {f"{p.name}.{k}": s for p in plan(self.config.model)
-                            for k, s in ((("weight", p.weight_shape), ("bias", (p.c_out,))))}
-                ckpt.check_shapes({k: v for k, v in tensors.items() if ckpt.is_model_key(k)},
-                                  expected, path)
-                whole = (tensors, meta)
+                ckpt.check_shapes(tensors, full_shapes(self.config.model), path)
+                loaded = (tensors, meta)
             except ValueError as e:
                 error = str(e)
-        _agree(self.comm, error)
-        return whole
+        agree(self.comm, error)
+        return loaded
 
-    def _initial_params(self) -> dict[str, np.ndarray]:
-        m, opts = self.config.model, self.opts
-        source = (str(Path(opts.resume) / ckpt.LATEST_NAME) if opts.resume else opts.init)
-        if source is None:
-            return init_shard(m, self.config.train.seed, self.comm.rank, self.comm.size)
-        loaded = self._load_whole(source, require_checksum=bool(opts.resume))
-        tensors, meta = loaded if loaded else ({}, {})
-        self._resume_meta = meta
-        self.report.line(f"weights from {source}")
-        return scatter_whole(tensors, m, self.comm)
+    def _read_resume(self) -> tuple[dict, dict] | None:
+        return self._load(Path(self.opts.resume) / ckpt.LATEST_NAME, require_checksum=True)
 
-    def _restore_optimizer(self) -> None:
-        meta = self._resume_meta if self.comm.is_coordinator else {}
-        tensors = None
-        if self.comm.is_coordinator:
-            tensors, _ = ckpt.load_checkpoint(Path(self.opts.resume) / ckpt.LATEST_NAME)
-        momentum = scatter_whole(tensors, self.config.model, self.comm, prefix="momentum.")
-        self.sgd.load_state_dict(momentum)
-        state = self.comm.bcast_text(meta.get("schedule_json", "{}") if meta else "{}",
-                                     "resume")
-        self.schedule.load_state_dict(json.loads(state))
-        step = np.array([meta.get("step", 0) if meta else 0], np.int64)
-        self.start_step = int(self.comm.bcast(step if self.comm.is_coordinator else None,
-                                              (1,), np.int64, "resume")[0])
-        total = np.array([meta.get("total_steps", self.total_steps) if meta else 0], np.int64)
-        if self.opts.steps is None:
-            self.total_steps = int(self.comm.bcast(total if self.comm.is_coordinator else None,
-                                                   (1,), np.int64, "resume")[0])
-        self.schedule = self._with_total(self.schedule)
+    def _initial_weights(self, resume_state) -> dict | None:
+        """Whole weights from --resume or --init at the coordinator (None elsewhere)."""
+        if self.opts.resume:
+            self.report.line(f"resuming {self.opts.resume} from its checkpoint.npz")
+            return resume_state[0] if resume_state else None
+        loaded = self._load(self.opts.init, require_checksum=False)
+        self.report.line(f"weights from {self.opts.init}")
+        return loaded[0] if loaded else None
 
-    def _with_total(self, schedule: LRSchedule) -> LRSchedule:
-        fresh = LRSchedule(self.config.optim, self.total_steps)
-        fresh.load_state_dict(schedule.state_dict())
-        return fresh
+    def _restore_training_state(self, resume_state) -> None:
+        tensors, meta = resume_state if resume_state else (None, {})
+        self.sgd.load_state_dict(scatter_whole(tensors, self.config.model, self.comm,
+                                               prefix=ckpt.MOMENTUM_PREFIX))
+        schedule = json.loads(self.comm.bcast_text(meta.get("schedule_json", "{}"), "resume"))
+        step, total = bcast_ints(self.comm, [meta.get("step", 0),
+                                             meta.get("total_steps", 0)], 2, "resume")
+        if self.opts.steps is None and self.opts.epochs is None:
+            self.total_steps = total
+        self.schedule = LRSchedule(self.config.optim, self.total_steps)
+        self.schedule.load_state_dict(schedule)
+        self.start_step = step
+
+    # -- checkpoints -------------------------------------------------------------------------
 
     def save(self, step: int) -> Path | None:
         """Gather the whole model and momentum at the coordinator and write a checkpoint."""
         model = gather_whole(self.net.parameters(), self.config.model, self.comm)
         momentum = gather_whole(self.sgd.velocity, self.config.model, self.comm,
-                                prefix="momentum.")
+                                prefix=ckpt.MOMENTUM_PREFIX)
         if not self.comm.is_coordinator:
             return None
+        stats = {"data.mean_image": self.stats.mean_image, "data.eigval": self.stats.eigval,
+                 "data.eigvec": self.stats.eigvec}
         meta = {"step": step, "total_steps": self.total_steps, "config": self.config.to_toml(),
                 "schedule_json": json.dumps(self.schedule.state_dict()),
-                "world_size": self.comm.size, "data": self.opts.data or "synthetic",
-                "data_position": step * self.config.train.batch_size}
-        return self.manager.save(step, {**model, **momentum}, meta)
+                "world_size": self.comm.size, "data_path": self.opts.data,
+                "data_position": step * self.config.train.batch_size,
+                "classes": list(self.train_ds.classes)}
+        self.manager.save(step, {**model, **momentum, **stats}, meta)
+        return self.run_dir / ckpt.LATEST_NAME
 
     # -- the loop ----------------------------------------------------------------------------
+
+    def _fault(self, step: int, when: str) -> None:
+        """Fault injection for tests (train.fail_at_step / fail_on_rank / fail_mode)."""
+        t = self.config.train
+        if step != t.fail_at_step or self.comm.rank != t.fail_on_rank:
+            return
+        if when == "start" and t.fail_mode == "raise":
+            raise RuntimeError(f"injected fault at step {step} on rank {self.comm.rank}")
+        if when == "start" and t.fail_mode == "exit":
+            os._exit(17)
+        if when == "start" and t.fail_mode == "hang":
+            time.sleep(10**6)
+        if when == "backward" and t.fail_mode == "nan":
+            next(iter(self.net.layer_grads("fc7"))).flat[0] = np.nan
 
     def _step(self, step: int, batch: Batch | None, lr: float) -> dict:
         comm, net, cfg = self.comm, self.net, self.config
@@ -235,74 +263,76 @@ class Trainer:
             loss, dlogits = softmax_cross_entropy(logits, batch.labels)
             top1 = topk_errors(logits, batch.labels, ks=(1,))[1]
         net.backward(dlogits)
+        self._fault(step, "backward")
         layers = [p.name for p in plan(cfg.model)]
         bad_grads = [float(not all(np.isfinite(g.sum()) for g in net.layer_grads(name)))
                      for name in layers]
         bad_loss = float(comm.is_coordinator and not np.isfinite(loss))
         flags = comm.allreduce_max(np.array([bad_loss, float(self.stop.requested), *bad_grads]))
         if flags[0] or any(flags[2:]):
-            layers = [name for name, bad in zip(layers, flags[2:]) if bad]
-            where = "the loss" if flags[0] else "the gradients of " + ", ".join(layers)
-            raise NonFiniteError(f"non-finite values in {where} at step {step}; stopping "
-                                 "without saving (the last good checkpoint is intact)")
+            bad = [name for name, flag in zip(layers, flags[2:], strict=True) if flag]
+            where = "the loss" if flags[0] else "the gradients of " + ", ".join(bad)
+            raise NonFiniteError(f"non-finite values in {where} at step {step + 1}; stopped "
+                                 "every rank without saving (the last checkpoint is intact)")
         self.sgd.step(lr)
         net.zero_grad()
         return {"loss": loss, "top1_err": top1, "stop": bool(flags[1])}
 
+    def _record(self, step: int, out: dict, lr: float, seconds: float, wait: float) -> dict:
+        events = self.comm.take_events()
+        nbytes = self.comm.allreduce_sum(np.array([sum(e.nbytes for e in events)]))[0]
+        comm_s = self.comm.allreduce_max(np.array([sum(e.seconds for e in events)]))[0]
+        return {"step": step, "loss": out["loss"], "top1_err": out["top1_err"], "lr": lr,
+                "seconds": seconds, "images_per_s": self.config.train.batch_size / seconds,
+                "comm_seconds": float(comm_s), "comm_mb": float(nbytes) / 1e6,
+                "data_wait": wait, "rss_mib": current_rss_mib()}
+
+    def _checkpoint_due(self, step: int, last_save: float) -> bool:
+        t = self.config.train
+        due = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or bool(
+            t.checkpoint_minutes and time.monotonic() - last_save > 60 * t.checkpoint_minutes)
+        return bool(self.comm.allreduce_max(np.array([float(due)]))[0])
+
     def run(self) -> dict:
-        """Train from start_step to total_steps; returns the final summary (at every rank)."""
+        """Train from start_step to total_steps; returns the final summary on every rank."""
         cfg, comm, report = self.config, self.comm, self.report
         report.header(cfg, self.total_steps, self.steps_per_epoch, self.opts)
-        self.stop.install()
         eval_every = cfg.train.eval_every or self.steps_per_epoch
-        writer = JsonlWriter(self.run_dir / "metrics.jsonl") if comm.is_coordinator else None
-        prefetch = None
+        writer = prefetch = None
         if comm.is_coordinator:
+            writer = JsonlWriter(self.run_dir / "metrics.jsonl")
             prefetch = Prefetcher(lambda s: train_batch(self.train_ds, self.stats, s, cfg),
                                   self.start_step, cfg.data.prefetch)
-        last_save = time.monotonic()
-        step, stopped, summary = self.start_step, False, {}
+        self.stop.install()
+        step, stopped, result, last_save = self.start_step, False, {}, time.monotonic()
         try:
             while step < self.total_steps:
                 t0 = time.perf_counter()
                 comm.step = step
+                self._fault(step, "start")
                 batch, wait = prefetch.get(step) if prefetch else (None, 0.0)
                 lr = self.schedule.lr(step) if comm.is_coordinator else 0.0
                 lr = float(comm.bcast(np.array([lr]) if comm.is_coordinator else None, (1,),
                                       np.float64, "schedule")[0])
-                if step == cfg.train.fail_at_step and comm.rank == cfg.train.fail_on_rank:
-                    raise RuntimeError(f"injected fault (train.fail_at_step={step}, "
-                                       f"train.fail_on_rank={comm.rank})")
                 out = self._step(step, batch, lr)
                 step += 1
-                seconds = time.perf_counter() - t0
-                events = comm.take_events()
-                totals = comm.allreduce_sum(np.array([sum(e.nbytes for e in events)]))
-                comm_max = comm.allreduce_max(np.array([sum(e.seconds for e in events)]))
-                record = {"step": step, "loss": out["loss"], "top1_err": out["top1_err"],
-                          "lr": lr, "seconds": seconds,
-                          "images_per_s": cfg.train.batch_size / seconds,
-                          "comm_seconds": float(comm_max[0]), "comm_mb": totals[0] / 1e6,
-                          "data_wait": wait, "rss_mib": current_rss_mib()}
+                record = self._record(step, out, lr, time.perf_counter() - t0, wait)
                 if writer:
                     writer.write(record)
-                report.step(record, self.total_steps)
+                if step % cfg.train.log_every == 0 or step == self.total_steps:
+                    report.step(record, self.total_steps)
                 if step % eval_every == 0 or step == self.total_steps:
                     result = evaluate(self.net, comm, self.val_ds, self.stats, cfg,
                                       limit=cfg.train.eval_batches)
                     if comm.is_coordinator:
-                        self.schedule.observe(result["top1_err"])
+                        if step % eval_every == 0:  # not the extra one at the end: a run
+                            self.schedule.observe(result["top1_err"])  # cut short resumes same
                         writer.write({"step": step, "kind": "eval", **result})
                     report.eval(step, result)
-                    summary = result
-                minutes = cfg.train.checkpoint_minutes
-                due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) \
-                    or (minutes and time.monotonic() - last_save > 60 * minutes)
-                due = comm.allreduce_max(np.array([float(bool(due))]))[0]
                 if out["stop"]:
                     stopped = True
                     break
-                if due and step < self.total_steps:
+                if self._checkpoint_due(step, last_save) and step < self.total_steps:
                     self.save(step)
                     last_save = time.monotonic()
         finally:
@@ -312,14 +342,13 @@ class Trainer:
                 writer.close()
             self.stop.restore()
         path = self.save(step)
-        peak = comm.allreduce_max(np.array([peak_rss_mib()]))[0]
-        summary = {**summary, "steps": step, "checkpoint": str(path) if path else None,
+        peak = float(comm.allreduce_max(np.array([peak_rss_mib()]))[0])
+        summary = {**result, "steps": step, "checkpoint": str(path) if path else None,
                    "peak_rss_mib": peak, "run_dir": str(self.run_dir) if self.run_dir else None}
         if stopped:
-            report.line(f"stopped by {self.stop.signal_name} at step {step}; saved "
-                        f"{self.run_dir}/checkpoint.npz. Resume with: "
-                        f"python -m launch.train --resume {self.run_dir}"
-                        + (f" (under mpirun -n {comm.size})" if comm.size > 1 else ""))
+            launcher = f"mpirun -n {comm.size} " if comm.size > 1 else ""
+            report.line(f"stopped by {self.stop.signal_name} at step {step}; saved {path}. "
+                        f"Resume with: {launcher}python -m launch.train --resume {self.run_dir}")
             raise TrainingInterrupted(f"stopped by {self.stop.signal_name} at step {step}")
         report.final(summary)
         return summary
