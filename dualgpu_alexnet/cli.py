@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from . import config as config_mod
-from .comm import Comm, install_abort_on_exception, world
+from .comm import AgreedError, Comm, install_abort_on_exception, world
 from .config import Config, ConfigError
 from .runtime import blas_threads_for, set_blas_threads
 
@@ -61,9 +62,13 @@ def run_main(body: Callable[[Comm], int]) -> int:
     install_abort_on_exception(comm.rank)
     try:
         return body(comm)
-    except (ConfigError, ValueError) as e:
-        if comm.is_coordinator:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except ValueError as e:
+        agreed = isinstance(e, (ConfigError, AgreedError))  # raised on every rank alike
+        if comm.is_coordinator or not agreed:
+            where = f" (rank {comm.rank})" if not agreed and comm.size > 1 else ""
+            print(f"error{where}: {e}", file=sys.stderr, flush=True)
+        if comm.size > 1 and not agreed:
+            os._exit(EXIT_BAD_INPUT)  # the other ranks may wait for this one: end the job
         return EXIT_BAD_INPUT
 
 

@@ -51,6 +51,10 @@ def _checked(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
+class AgreedError(ValueError):
+    """Bad input that every rank knows about (raised on all of them by `Comm.agree`)."""
+
+
 class Comm:
     """Collectives over one MPI communicator, with accounting; identities on one rank.
 
@@ -221,6 +225,16 @@ class Comm:
         else:
             payload = None
         return bytes(self.bcast(payload, (int(n[0]),), np.uint8, layer)).decode()
+
+    def agree(self, error: str | None) -> None:
+        """Raise the coordinator's error message as AgreedError on every rank (None: nothing).
+
+        Coordinator-only work (reading files) reports bad input through this, so the other ranks
+        stop with it instead of waiting for a collective that will never come.
+        """
+        text = self.bcast_text(error or "", "error")
+        if text:
+            raise AgreedError(text)
 
     def local_size(self) -> int:
         """Ranks of this communicator on this host."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 
 IMAGE, LOCAL, GATHERED = "image", "local", "gathered"
 SPLIT, DEVICE0 = "split", "device0"
@@ -125,15 +125,15 @@ def plan(model: ModelConfig) -> list[LayerPlan]:
 
 
 def check_world_size(config: Config, world_size: int) -> None:
-    """Raise ValueError unless this preset can run on `world_size` ranks."""
+    """Raise ConfigError unless this preset can run on `world_size` ranks."""
     m = config.model
     if world_size not in (1, m.devices):
-        raise ValueError(
-            f"preset {m.name!r} splits the model over model.devices={m.devices} devices, so it "
-            f"runs on 1 process or {m.devices} ranks, not {world_size} "
-            f"(mpirun -n {m.devices} python -m launch.train)")
+        runs_on = ("1 process only" if m.devices == 1 else
+                   f"1 process or {m.devices} ranks (mpirun -n {m.devices} python -m ...)")
+        raise ConfigError(f"preset {m.name!r} splits the model over model.devices={m.devices} "
+                          f"device(s), so it runs on {runs_on}, not on {world_size} ranks")
     if world_size > 1 and m.lrn_scope == "all":
-        raise ValueError(
+        raise ConfigError(
             f"model.lrn_scope='all' (preset {m.name!r}) runs the LRN window across the device "
             f"boundary, which needs a halo exchange this version does not implement: run it on "
             f"1 process, or use --set model.lrn_scope=device on {world_size} ranks")

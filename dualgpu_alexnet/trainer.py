@@ -61,13 +61,6 @@ class RunOptions:
     quiet: bool = False  # no progress lines
 
 
-def agree(comm: Comm, error: str | None) -> None:
-    """Raise the coordinator's error message as ValueError on every rank (nothing if None)."""
-    text = comm.bcast_text(error or "", "error")
-    if text:
-        raise ValueError(text)
-
-
 def bcast_ints(comm: Comm, values: list[int] | None, count: int, layer: str) -> list[int]:
     """Small integers from the coordinator to every rank."""
     array = np.array(values, np.int64) if comm.is_coordinator else None
@@ -144,7 +137,7 @@ class Trainer:
                              f"but model.num_classes={self.config.model.num_classes}")
             except (ValueError, OSError) as e:
                 error = str(e)
-        agree(self.comm, error)
+        self.comm.agree(error)
         self.stats: DataStats = share_stats(self.comm, stats, self.config)
 
     def _prepare_run_dir(self) -> Path | None:
@@ -166,7 +159,7 @@ class Trainer:
                         (out / "config.toml").write_text(self.config.to_toml())
                 except OSError as e:
                     error = f"cannot create the run directory {out}: {e}"
-        agree(self.comm, error)
+        self.comm.agree(error)
         return out
 
     def _total_steps(self, n_train: int) -> int:
@@ -190,7 +183,7 @@ class Trainer:
                 loaded = (tensors, meta)
             except ValueError as e:
                 error = str(e)
-        agree(self.comm, error)
+        self.comm.agree(error)
         return loaded
 
     def _read_resume(self) -> tuple[dict, dict] | None:

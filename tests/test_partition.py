@@ -77,9 +77,9 @@ def test_fc8_on_device0_gathers_its_input_there():
 
 
 def test_world_size_errors_name_the_preset():
-    with pytest.raises(ValueError, match="onegpu-half.*not 2"):
+    with pytest.raises(ValueError, match="onegpu-half.*1 process only, not on 2 ranks"):
         partition.check_world_size(config.load("onegpu-half"), 2)
-    with pytest.raises(ValueError, match="not 3"):
+    with pytest.raises(ValueError, match="not on 3 ranks"):
         partition.check_world_size(config.load("tiny"), 3)
     with pytest.raises(ValueError, match="halo exchange"):
         partition.check_world_size(config.load("caffe"), 2)
