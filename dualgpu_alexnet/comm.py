@@ -275,3 +275,8 @@ def install_abort_on_exception(rank: int) -> None:
 def world(watchdog_seconds: float = 0.0) -> Comm:
     """The job's communicator (one rank under plain `python`)."""
     return Comm(MPI.COMM_WORLD, watchdog_seconds)
+
+
+def alone() -> Comm:
+    """A one-rank communicator of this process only (a one-process reference inside a job)."""
+    return Comm(MPI.COMM_SELF)
