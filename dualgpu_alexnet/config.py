@@ -311,6 +311,9 @@ def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> C
     raw: dict[str, dict[str, Any]] = {}
     for item in overrides:
         section, key, value = parse_override(item)
+        current = getattr(getattr(config, section, None), key, None)
+        if isinstance(current, str) and not isinstance(value, str):
+            value = item.split("=", 1)[1].strip()  # "mode=nan": TOML read a float, text wanted
         raw.setdefault(section, {})[key] = value
     return from_dict(raw, base=config) if raw else config
 

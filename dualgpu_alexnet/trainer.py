@@ -26,7 +26,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .comm import Comm
-from .config import Config
+from .config import Config, ConfigError
 from .data import Batch, DataStats, Prefetcher, open_data, to_input, train_batch
 from .evaluate import evaluate, share_stats
 from .init import init_shard
@@ -97,9 +97,13 @@ class Trainer:
 
     def __init__(self, config: Config, comm: Comm, opts: RunOptions):
         check_world_size(config, comm.size)
+        if opts.steps is not None and opts.steps < 1:  # every rank raises it alike
+            raise ConfigError(f"--steps must be >= 1, got {opts.steps}")
         self.config, self.comm, self.opts = config, comm, opts
         self.report = Reporter(comm, quiet=opts.quiet)
         resume_state = self._read_resume() if opts.resume else None
+        init_state = (self._load(opts.init, require_checksum=False)  # before the run dir: a bad
+                      if opts.init and not opts.resume else None)  # file leaves nothing behind
         if resume_state and opts.data is None:
             self.opts.data = resume_state[1].get("data_path")
         self._open_data()
@@ -110,7 +114,8 @@ class Trainer:
                                       "setup")
         self.total_steps, self.steps_per_epoch = total, per_epoch
         if opts.resume or opts.init:  # whole weights read at the coordinator, rows scattered
-            params = scatter_whole(self._initial_weights(resume_state), config.model, comm)
+            params = scatter_whole(self._initial_weights(resume_state, init_state),
+                                   config.model, comm)
         else:
             params = init_shard(config.model, config.train.seed, comm.rank, comm.size)
         self.net = Net(config, comm, params)
@@ -189,14 +194,13 @@ class Trainer:
     def _read_resume(self) -> tuple[dict, dict] | None:
         return self._load(Path(self.opts.resume) / ckpt.LATEST_NAME, require_checksum=True)
 
-    def _initial_weights(self, resume_state) -> dict | None:
+    def _initial_weights(self, resume_state, init_state) -> dict | None:
         """Whole weights from --resume or --init at the coordinator (None elsewhere)."""
         if self.opts.resume:
             self.report.line(f"resuming {self.opts.resume} from its checkpoint.npz")
             return resume_state[0] if resume_state else None
-        loaded = self._load(self.opts.init, require_checksum=False)
         self.report.line(f"weights from {self.opts.init}")
-        return loaded[0] if loaded else None
+        return init_state[0] if init_state else None
 
     def _restore_training_state(self, resume_state) -> None:
         tensors, meta = resume_state if resume_state else (None, {})
@@ -207,6 +211,9 @@ class Trainer:
                                              meta.get("total_steps", 0)], 2, "resume")
         if self.opts.steps is None and self.opts.epochs is None:
             self.total_steps = total
+        if self.total_steps <= step:  # every rank knows both numbers: an agreed error
+            raise ConfigError(f"{self.opts.resume} is at step {step} already; pass --steps "
+                              f"above {step} to train further (nothing was changed)")
         self.schedule = LRSchedule(self.config.optim, self.total_steps)
         self.schedule.load_state_dict(schedule)
         self.start_step = step
@@ -218,6 +225,7 @@ class Trainer:
         model = gather_whole(self.net.parameters(), self.config.model, self.comm)
         momentum = gather_whole(self.sgd.velocity, self.config.model, self.comm,
                                 prefix=ckpt.MOMENTUM_PREFIX)
+        self.comm.take_events()  # checkpoint traffic is not the next step's comm_mb
         if not self.comm.is_coordinator:
             return None
         stats = {"data.mean_image": self.stats.mean_image, "data.eigval": self.stats.eigval,
@@ -297,6 +305,7 @@ class Trainer:
             prefetch = Prefetcher(lambda s: train_batch(self.train_ds, self.stats, s, cfg),
                                   self.start_step, cfg.data.prefetch)
         self.stop.install()
+        comm.take_events()  # set-up traffic (config, stats, resume state) is not step 1's
         step, stopped, result, last_save = self.start_step, False, {}, time.monotonic()
         try:
             while step < self.total_steps:

@@ -75,3 +75,9 @@ def test_bad_toml_file_is_named(tmp_path):
 
 def test_digest_changes_with_any_value():
     assert config.load("tiny").digest() != config.load("tiny", ["train.seed=1"]).digest()
+
+
+def test_text_values_need_no_quotes_even_when_they_look_like_numbers():
+    assert config.load("tiny", ["train.fail_mode=nan"]).train.fail_mode == "nan"
+    with pytest.raises(ConfigError, match="train.fail_mode must be one of"):
+        config.load("tiny", ["train.fail_mode=1"])
