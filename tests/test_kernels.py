@@ -159,3 +159,15 @@ def test_maxpool_fast_matches_reference(case, dtype, ties):
     dx = layer.backward(dy)
     assert dx.dtype == dtype
     assert rel_err(dx, maxpool_reference_backward(x, dy, size, stride)) < TOL[dtype][1]
+
+
+def test_layers_accept_non_contiguous_inputs():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((2, 7, 8, 6))
+    x = base[:, :, ::-1]  # negative strides, not C-contiguous
+    wt, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y = conv2d_forward(x, wt, b, 2, 1, 2)
+    assert rel_err(y, conv2d_reference(x, wt, b, 2, 1, 2)) < 1e-12
+    y_lrn = LRN(groups=2).forward(x)
+    assert rel_err(y_lrn, lrn_reference(x, groups=2)[0]) < 1e-12
+    np.testing.assert_array_equal(MaxPool().forward(x), maxpool_reference(x))
