@@ -31,6 +31,7 @@ from .kernels import (
     conv_output_size,
 )
 
+SMALL_BATCH = 4  # Linear: batches up to this size use one matrix-vector product per row
 CHUNK_BYTES = 256 << 10  # LRN / pooling working set per chunk (fits in L2 with its temporaries)
 
 
@@ -346,9 +347,12 @@ class Linear(Layer):
         if x.ndim != 2 or x.shape[1] != self.params["weight"].shape[1]:
             raise ValueError(f"Linear input {x.shape} vs weight {self.params['weight'].shape}")
         self._x = x if train else None
-        w, b = self.params["weight"], self.params["bias"]
-        y = x @ w.astype(x.dtype, copy=False).T  # (N, c_out)
-        y += b.astype(x.dtype, copy=False)
+        w = self.params["weight"].astype(x.dtype, copy=False)
+        if x.shape[0] <= SMALL_BATCH:  # one GEMV per row: OpenBLAS sgemm with M=2 runs ~10x
+            y = np.stack([w @ row for row in x])  # below memory speed on this machine
+        else:
+            y = x @ w.T  # (N, c_out)
+        y += self.params["bias"].astype(x.dtype, copy=False)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:

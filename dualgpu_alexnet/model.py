@@ -63,8 +63,8 @@ class Net:
                 layer = Linear(weight, bias)
             self._add(name, layer)
             self.layer_params[name] = layer.params
-            if spec.relu:
-                self._add(f"{name}.relu", ReLU())
+            if spec.relu:  # in place: its input is the fresh output of conv/fc, held by no one
+                self._add(f"{name}.relu", ReLU(inplace=True))
             post = []
             if spec.lrn:
                 lrn_groups = hosted if m.lrn_scope == "device" else 1

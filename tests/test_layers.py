@@ -289,3 +289,15 @@ def test_backward_after_test_time_forward_is_an_error():
         layer.forward(np.ones(shape[: 2 if isinstance(layer, Linear) else 4]), train=False)
         with pytest.raises(ValueError, match="train=True"):
             layer.backward(np.ones(1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 9])
+def test_linear_small_batch_path_equals_the_gemm_path(n):
+    from dualgpu_alexnet.layers import SMALL_BATCH
+
+    rng = np.random.default_rng(n)
+    w, b = rng.standard_normal((7, 5)), rng.standard_normal(7)
+    x = rng.standard_normal((n, 5))
+    y = Linear(w, b).forward(x, train=False)
+    assert (n <= SMALL_BATCH) == (n <= 4)
+    np.testing.assert_allclose(y, x @ w.T + b, rtol=1e-12, atol=1e-12)
