@@ -22,8 +22,11 @@ from .partition import plan
 from .trainer import share_batch
 
 
-def matmul_gflops(n: int = 2048, repeat: int = 5) -> float:
-    """Best float32 (n x n) @ (n x n) throughput of this process's BLAS threads, in GFLOP/s."""
+def matmul_gflops(n: int = 3072, repeat: int = 3) -> float:
+    """Best float32 (n x n) @ (n x n) throughput of this process's BLAS threads, in GFLOP/s.
+
+    One product first as warm-up: OpenBLAS runs slower until it has done a large one.
+    """
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
