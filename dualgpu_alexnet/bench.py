@@ -39,6 +39,36 @@ def matmul_gflops(n: int = 3072, repeat: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def forward_gemm_floor(config: Config, batch: int, repeat: int = 3) -> float:
+    """Seconds of the bare matrix products a test-mode forward pass needs, on one process.
+
+    For each layer, the product of its im2col matrix with its weight (per group), or its
+    matrix-vector products for fc layers at small batch, without any other work: no layer built
+    from the same BLAS calls can be faster.
+    """
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for p in plan(config.model):
+        groups = p.groups
+        k = (p.c_in // groups) * p.spec.kernel ** 2
+        a = rng.standard_normal((batch * p.out_hw ** 2, k), dtype=np.float32)
+        w = rng.standard_normal((k, p.c_out // groups), dtype=np.float32)
+        if p.spec.kind == "fc" and batch <= 4:
+            w = np.ascontiguousarray(w.T)  # (c_out, c_in): one GEMV per row, like Linear
+            run = lambda a=a, w=w: [w @ row for row in a]  # noqa: E731
+        else:
+            run = lambda a=a, w=w: a @ w  # noqa: E731
+        run()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(groups):
+                run()
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
+
+
 def training_flops_per_image(config: Config) -> float:
     """Multiply-adds x 2 x 3 (forward, input gradient, weight gradient): ~4.35 GFLOP for AlexNet."""
     return 6.0 * sum(p.macs for p in plan(config.model))

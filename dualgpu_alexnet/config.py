@@ -83,7 +83,7 @@ class TrainConfig:
     batch_size: int = 128  # images per SGD step (the whole pair's batch, not per device)
     epochs: float = 90.0  # training length in epochs when steps is 0
     steps: int = 0  # training length in steps (overrides epochs when > 0)
-    demo_steps: int = 6  # steps of a run on the embedded synthetic data with no length given
+    demo_steps: int = 4  # steps of a run on the embedded synthetic data with no length given
     seed: int = 0  # seeds the init, the data order, augmentation and dropout
     log_every: int = 1  # steps between progress lines
     eval_every: int = 0  # steps between validations (0 = once per epoch)

@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             f"float32 matmul on the same threads: {matmul:.1f} GFLOP/s")
         net, sgd = bench.build(cfg, comm)
         fwd = bench.time_forward(net, cfg, comm, batch=2)
-        say(f"forward, 2 images (test mode): {fwd:.3f} s")
+        if comm.size == 1:
+            floor = bench.forward_gemm_floor(cfg, batch=2)
+            say(f"forward, 2 images (test mode): {fwd:.3f} s; its bare matrix products alone "
+                f"take {floor:.3f} s on these threads ({100 * floor / fwd:.0f}% of it)")
+        else:
+            say(f"forward, 2 images (test mode): {fwd:.3f} s")
         result = bench.time_training(net, sgd, cfg, comm, args.batch, args.steps)
         per = result["step_seconds"]
         share = result["comm_seconds"] / per
