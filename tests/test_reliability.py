@@ -6,6 +6,7 @@ injected with train.fail_at_step / fail_on_rank / fail_mode. After each test no 
 started may still be alive (mpi_scripts/jobs.py).
 """
 
+import os
 import shutil
 import signal
 import struct
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 from conftest import run_ranks
 from mpi_scripts.jobs import (  # noqa: F401 (job_tag, no_leftover_processes: autouse fixtures)
+    MARKER,
     job_tag,
     line_count,
     metrics,
     no_leftover_processes,
     snapshot,
     start,
+    tagged_pids,
 )
 
 from dualgpu_alexnet import checkpoint as ckpt
@@ -360,3 +363,27 @@ def test_out_folder_holding_a_run_is_refused_and_left_unchanged(six_steps, tmp_p
     proc = train(["--config", "tiny", "--steps", "1", "--out", str(run)], n=1)
     assert one_error(proc).startswith(f"error: {run} already holds a run")
     assert snapshot(run) == before
+
+
+def _rank_pid(tag: str, rank: int) -> int:
+    """The pid of the python process that is MPI rank `rank` of the job tagged `tag`."""
+    for pid in tagged_pids(tag):
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in environ and b"launch.train" in cmdline:
+            return pid
+    raise AssertionError(f"no process is rank {rank}")
+
+
+@pytest.mark.timeout(120)
+def test_rank_killed_with_sigkill_ends_the_whole_job(tmp_path):
+    run = tmp_path / "run"
+    job = start([*TRAIN, "--steps", "100000", "--out", str(run)], n=2, log_dir=tmp_path / "log")
+    job.wait_until(lambda: line_count(run / "metrics.jsonl") >= 1, timeout=60)
+    os.kill(_rank_pid(os.environ[MARKER], 1), signal.SIGKILL)  # MARKER: this module's tag
+    killed = time.monotonic()
+    assert job.wait(timeout=30) != 0
+    assert time.monotonic() - killed < 10
