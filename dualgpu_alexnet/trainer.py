@@ -114,8 +114,10 @@ class Trainer:
                                       "setup")
         self.total_steps, self.steps_per_epoch = total, per_epoch
         if opts.resume or opts.init:  # whole weights read at the coordinator, rows scattered
-            params = scatter_whole(self._initial_weights(resume_state, init_state),
-                                   config.model, comm)
+            loaded = resume_state or init_state  # (tensors, meta) at the coordinator only
+            self.report.line(f"resuming {opts.resume} from its checkpoint.npz" if opts.resume
+                             else f"weights from {opts.init}")
+            params = scatter_whole(loaded[0] if loaded else None, config.model, comm)
         else:
             params = init_shard(config.model, config.train.seed, comm.rank, comm.size)
         self.net = Net(config, comm, params)
@@ -193,14 +195,6 @@ class Trainer:
 
     def _read_resume(self) -> tuple[dict, dict] | None:
         return self._load(Path(self.opts.resume) / ckpt.LATEST_NAME, require_checksum=True)
-
-    def _initial_weights(self, resume_state, init_state) -> dict | None:
-        """Whole weights from --resume or --init at the coordinator (None elsewhere)."""
-        if self.opts.resume:
-            self.report.line(f"resuming {self.opts.resume} from its checkpoint.npz")
-            return resume_state[0] if resume_state else None
-        self.report.line(f"weights from {self.opts.init}")
-        return init_state[0] if init_state else None
 
     def _restore_training_state(self, resume_state) -> None:
         tensors, meta = resume_state if resume_state else (None, {})
