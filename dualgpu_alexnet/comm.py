@@ -191,6 +191,20 @@ class Comm:
         self._run(layer, "bcast", direction, sent, lambda: self._comm.Bcast(buf, root=root))
         return buf
 
+    def shift(self, x: np.ndarray, offset: int, layer: str, direction: str) -> np.ndarray:
+        """Send `x` to rank + offset and return what rank - offset sent (zeros past the ends)."""
+        _checked(x, f"shift at {layer}")
+        out = self._buffer(("shift", layer, direction, offset), x.shape, x.dtype)
+        dest, source = self.rank + offset, self.rank - offset
+        dest = dest if 0 <= dest < self.size else MPI.PROC_NULL
+        source = source if 0 <= source < self.size else MPI.PROC_NULL
+        if source == MPI.PROC_NULL:
+            out.fill(0)  # nobody sends: an edge of the channel range
+        sent = x.nbytes if dest != MPI.PROC_NULL else 0
+        self._run(layer, "shift", direction, sent,
+                  lambda: self._comm.Sendrecv(x, dest, 0, out, source, 0))
+        return out
+
     def allreduce_max(self, x: np.ndarray, layer: str = "flags") -> np.ndarray:
         """Element-wise maximum over ranks of a small float64 vector."""
         x = np.ascontiguousarray(x, dtype=np.float64)

@@ -19,7 +19,7 @@ import numpy as np
 from .comm import Comm
 from .config import Config
 from .layers import LRN, Conv2D, Dropout, FlattenCHW, Linear, MaxPool, ReLU
-from .mappings import GatherChannels, GatherToRoot
+from .mappings import ChannelCrop, ChannelHalo, GatherChannels, GatherToRoot
 from .partition import DEVICE0, GATHERED, IMAGE, LOCAL, POOL_SIZE, POOL_STRIDE, plan
 
 
@@ -67,17 +67,14 @@ class Net:
                 self._add(f"{name}.relu", ReLU(inplace=True))
             post = []
             if spec.lrn:
-                lrn_groups = hosted if m.lrn_scope == "device" else 1
-                post.append((f"{name}.lrn", LRN(size=m.lrn_size, k=m.lrn_k, alpha=m.lrn_alpha,
-                                                 beta=m.lrn_beta,
-                                                 alpha_over_n=m.lrn_alpha_over_n,
-                                                 groups=lrn_groups)))
+                post.append(self._lrn_stages(name, hosted))
             if spec.pool:
-                post.append((f"{name}.pool", MaxPool(POOL_SIZE, POOL_STRIDE)))
+                post.append([(f"{name}.pool", MaxPool(POOL_SIZE, POOL_STRIDE))])
             if m.lrn_place == "after_pool":
                 post.reverse()
-            for stage in post:
-                self._add(*stage)
+            for stages in post:
+                for stage in stages:
+                    self._add(*stage)
             if spec.dropout and m.dropout > 0:
                 stage = f"{name}.dropout"
                 self._add(stage, Dropout(m.dropout, inverted=m.dropout_inverted))
@@ -86,6 +83,18 @@ class Net:
         if last.owner != DEVICE0 and f"{last.name}.weight" in params:
             self._add("logits.gather", GatherToRoot(comm, "logits", root=comm.coordinator))
         self.timings: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in self.stages}
+
+    def _lrn_stages(self, name: str, hosted: int) -> list[tuple[str, object]]:
+        """LRN within each device's channels, or across all (with a halo exchange when split)."""
+        m = self.config.model
+        across = m.lrn_scope == "all"
+        lrn = LRN(size=m.lrn_size, k=m.lrn_k, alpha=m.lrn_alpha, beta=m.lrn_beta,
+                  alpha_over_n=m.lrn_alpha_over_n, groups=1 if across else hosted)
+        if not (across and self.comm.size > 1):
+            return [(f"{name}.lrn", lrn)]
+        halo = m.lrn_size // 2  # channels the window reaches into the neighbouring device
+        return [(f"{name}.lrn.halo", ChannelHalo(self.comm, f"{name}.lrn", halo)),
+                (f"{name}.lrn", lrn), (f"{name}.lrn.crop", ChannelCrop(halo))]
 
     def _add(self, name: str, layer: object) -> None:
         self.stages.append((name, layer))

@@ -132,11 +132,6 @@ def check_world_size(config: Config, world_size: int) -> None:
                    f"1 process or {m.devices} ranks (mpirun -n {m.devices} python -m ...)")
         raise ConfigError(f"preset {m.name!r} splits the model over model.devices={m.devices} "
                           f"device(s), so it runs on {runs_on}, not on {world_size} ranks")
-    if world_size > 1 and m.lrn_scope == "all":
-        raise ConfigError(
-            f"model.lrn_scope='all' (preset {m.name!r}) runs the LRN window across the device "
-            f"boundary, which needs a halo exchange this version does not implement: run it on "
-            f"1 process, or use --set model.lrn_scope=device on {world_size} ranks")
 
 
 def total_params(model: ModelConfig) -> int:
@@ -163,6 +158,18 @@ class Transfer:
     nbytes: int  # bytes this rank sends
 
 
+def lrn_halo(model: ModelConfig, p: LayerPlan) -> tuple[int, int]:
+    """(channels borrowed from each neighbour, side of the LRN input) at layer p; (0, 0) if none.
+
+    Only an LRN window that runs across all channels (model.lrn_scope = "all", Caffe) reaches
+    into the neighbouring device, by lrn_size // 2 channels.
+    """
+    if not p.spec.lrn or model.lrn_scope != "all" or model.devices == 1:
+        return 0, 0
+    side = p.out_hw if model.lrn_place == "before_pool" or not p.spec.pool else p.post_hw
+    return model.lrn_size // 2, side
+
+
 def step_transfers(config: Config, batch: int, world_size: int, rank: int,
                    itemsize: int = 4) -> list[Transfer]:
     """The activation traffic one rank sends in one training step, in order.
@@ -172,21 +179,27 @@ def step_transfers(config: Config, batch: int, world_size: int, rank: int,
     if world_size == 1:
         return []
     plans = plan(config.model)
-    fwd, bwd = [], []
+    fwd, bwd = [], []  # bwd: one group of events per layer, replayed in reverse layer order
     for p in plans:
+        halo, side = lrn_halo(config.model, p)
+        if halo:  # shift up (to rank + 1), then down (to rank - 1); the same order backward
+            part = batch * halo * side ** 2 * itemsize
+            up, down = (part if rank + 1 < world_size else 0), (part if rank > 0 else 0)
+            fwd += [Transfer(f"{p.name}.lrn", "shift", "fwd", n) for n in (up, down)]
+            bwd.append([Transfer(f"{p.name}.lrn", "shift", "bwd", n) for n in (up, down)])
         if p.spec.input != GATHERED:
             continue
         half = batch * p.c_in // world_size * p.in_hw ** 2 * itemsize
         if p.owner == DEVICE0:
             fwd.append(Transfer(p.name, "gather", "fwd", 0 if rank == 0 else half))
-            bwd.append(Transfer(p.name, "scatter", "bwd", half if rank == 0 else 0))
+            bwd.append([Transfer(p.name, "scatter", "bwd", half if rank == 0 else 0)])
         else:
             fwd.append(Transfer(p.name, "allgather", "fwd", half * (world_size - 1)))
-            bwd.append(Transfer(p.name, "reduce_scatter", "bwd", half * (world_size - 1)))
+            bwd.append([Transfer(p.name, "reduce_scatter", "bwd", half * (world_size - 1))])
     last = plans[-1]
     if last.owner == SPLIT:
         part = batch * last.c_out // world_size * itemsize
         fwd.append(Transfer("logits", "gather", "fwd", 0 if rank == 0 else part))
-        bwd.append(Transfer("logits", "scatter", "bwd", part * (world_size - 1)
-                            if rank == 0 else 0))
-    return fwd + bwd[::-1]
+        bwd.append([Transfer("logits", "scatter", "bwd", part * (world_size - 1)
+                             if rank == 0 else 0)])
+    return fwd + [event for group in bwd[::-1] for event in group]

@@ -6,7 +6,7 @@ import sys
 
 from .comm import Comm
 from .config import Config
-from .partition import plan
+from .partition import lrn_halo, plan
 
 
 class Reporter:
@@ -27,6 +27,8 @@ class Reporter:
                  else f"{self.world} ranks, one device each; rank 0 also coordinates")
         self.line(f"dualgpu_alexnet | preset {m.name} | {m.devices} device(s) on {where}")
         crossing = [f"{p.name} {p.crossing_floats:,}" for p in plan(m) if p.crossing_floats]
+        crossing = [f"{p.name} LRN halo {h * side * side:,}"
+                    for p in plan(m) for h, side in [lrn_halo(m, p)] if h] + crossing
         if crossing and self.world > 1:
             self.line("crossing devices per image per direction (floats): "
                       + ", ".join(crossing) + "; logits gathered at the coordinator")
@@ -68,8 +70,14 @@ def summary_table(config: Config) -> str:
         totals[0] += p.params
         totals[1] += p.macs
         totals[2] += p.crossing_floats
+        halo, side = lrn_halo(m, p)
+        parts = [f"{p.crossing_floats:,}"] if p.crossing_floats else []
+        if halo:
+            parts.append(f"LRN halo {halo * side * side:,}")
+            totals[2] += halo * side * side
+        crossing = " + ".join(parts) or "-"
         rows.append((p.name, f"{p.spec.input}", f"{shape} ({where})", f"{params:,}",
-                     f"{macs:,}", f"{p.crossing_floats:,}" if p.crossing_floats else "-"))
+                     f"{macs:,}", crossing))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -81,6 +81,17 @@ def test_world_size_errors_name_the_preset():
         partition.check_world_size(config.load("onegpu-half"), 2)
     with pytest.raises(ValueError, match="not on 3 ranks"):
         partition.check_world_size(config.load("tiny"), 3)
-    with pytest.raises(ValueError, match="halo exchange"):
-        partition.check_world_size(config.load("caffe"), 2)
+    partition.check_world_size(config.load("caffe"), 2)
     partition.check_world_size(config.load("caffe"), 1)
+
+
+def test_caffe_lrn_borrows_two_channels_from_the_other_device():
+    caffe = config.load("caffe")
+    halos = {p.name: partition.lrn_halo(caffe.model, p) for p in partition.plan(caffe.model)}
+    assert halos["conv1"] == (2, 55) and halos["conv2"] == (2, 27) and halos["conv3"] == (0, 0)
+    paper = config.load("alexnet2012")
+    assert all(partition.lrn_halo(paper.model, p) == (0, 0) for p in partition.plan(paper.model))
+    events = partition.step_transfers(caffe, batch=1, world_size=2, rank=0)
+    assert [(e.layer, e.nbytes) for e in events[:4]] == [
+        ("conv1.lrn", 2 * 55 * 55 * 4), ("conv1.lrn", 0), ("conv2.lrn", 2 * 27 * 27 * 4),
+        ("conv2.lrn", 0)]

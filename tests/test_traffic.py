@@ -16,7 +16,8 @@ from mpi_scripts.jobs import job_tag, no_leftover_processes  # noqa: F401 (fixtu
 from dualgpu_alexnet import config, partition
 
 BATCH, SIDE = 4, 99  # the script's batch; tiny's input side
-VARIANTS = {"split": [], "fc8-device0": ["model.fc8=device0"]}
+VARIANTS = {"split": [], "fc8-device0": ["model.fc8=device0"],
+            "lrn-across-devices": ["model.lrn_scope=all"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -54,6 +55,13 @@ def test_tiny_crossing_bytes_in_closed_form(recorded):
         for layer, op, direction, nbytes in _activation_events(records[rank]):
             if layer == "logits":  # rank 1 sends its 5 of the 10 logits (and gets their grads)
                 assert nbytes == (BATCH * 5 * 4 if (rank == 1) == (direction == "fwd") else 0)
+            elif op == "shift":  # LRN halo: 2 channels of 23x23 (conv1) or 11x11 (conv2) up
+                side = {"conv1.lrn": 23, "conv2.lrn": 11}[layer]  # from rank 0, down from 1
+                assert cfg.model.lrn_scope == "all"
+                sends = [e[3] for e in _activation_events(records[rank])
+                         if e[0] == layer and e[2] == direction]
+                assert sends == ([BATCH * 2 * side * side * 4, 0] if rank == 0
+                                 else [0, BATCH * 2 * side * side * 4])
             elif op in ("allgather", "reduce_scatter"):
                 assert nbytes == BATCH * floats[layer] * 4, (layer, op)
             else:  # fc8 on device 0: rank 1 sends its fc7 half forward, gets its grads back
