@@ -29,7 +29,7 @@ def test_readme_starts_with_the_two_commands():
 
 
 @pytest.mark.parametrize("module", ["train", "summary", "prepare", "make_demo_data", "evaluate",
-                                    "predict", "bench"])
+                                    "predict", "bench", "bench_layers"])
 def test_every_command_has_help_and_is_in_the_readme(module):
     proc = subprocess.run([sys.executable, "-m", f"launch.{module}", "--help"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
