@@ -19,7 +19,7 @@ from .layers import softmax_cross_entropy
 from .model import Net
 from .optim import SGD
 from .partition import plan
-from .trainer import share_batch
+from .sharing import share_batch
 
 
 def matmul_gflops(n: int = 3072, repeat: int = 3) -> float:

@@ -14,21 +14,7 @@ from .data import Dataset, DataStats, average_views, eval_batches, to_input
 from .layers import softmax
 from .metrics import topk_errors
 from .model import Net
-
-
-def share_stats(comm: Comm, stats: DataStats | None, config: Config) -> DataStats:
-    """The coordinator's dataset statistics (mean image, colour eigenvectors) on every rank."""
-    s = config.data.image_size
-    mean = comm.bcast(None if stats is None else np.ascontiguousarray(stats.mean_image,
-                                                                      np.float32),
-                      (s, s, 3), np.float32, "stats")
-    eigval = comm.bcast(None if stats is None else np.ascontiguousarray(stats.eigval,
-                                                                        np.float32),
-                        (3,), np.float32, "stats")
-    eigvec = comm.bcast(None if stats is None else np.ascontiguousarray(stats.eigvec,
-                                                                        np.float32),
-                        (3, 3), np.float32, "stats")
-    return stats if stats is not None else DataStats(mean, eigval, eigvec)
+from .sharing import share_batch
 
 
 def evaluate(net: Net, comm: Comm, val: Dataset | None, stats: DataStats, config: Config,
@@ -42,8 +28,6 @@ def evaluate(net: Net, comm: Comm, val: Dataset | None, stats: DataStats, config
     Returns:
         {"top1_err", "top5_err", "images"} on every rank (NaN off the coordinator).
     """
-    from .trainer import share_batch  # the batch protocol is the trainer's
-
     views = 10 if crops == "ten" else 1
     batch_size = max(views, config.train.batch_size // views * views)
     batches = (eval_batches(val, batch_size, crops=crops, limit=limit)

@@ -24,8 +24,8 @@ from .layers import softmax
 from .model import Net
 from .partition import check_world_size, full_shapes
 from .prepare import decode_image
+from .sharing import bcast_ints, share_batch, share_stats
 from .state import scatter_whole
-from .trainer import bcast_ints, share_batch
 
 IMAGENET_RGB_MEAN = np.array([123.68, 116.78, 103.94], np.float32)  # 0..255, Caffe/PyTorch
 
@@ -72,7 +72,6 @@ def load_for_inference(path: str, comm: Comm, preset: str = "alexnet2012",
         stats = DataStats(np.broadcast_to(IMAGENET_RGB_MEAN, (s, s, 3)).copy(),
                           np.asarray(IMAGENET_EIGVAL, np.float32),
                           np.asarray(IMAGENET_EIGVEC, np.float32))
-    from .evaluate import share_stats
     stats = share_stats(comm, stats if comm.is_coordinator else None, config)
     classes = list(meta.get("classes") or [str(i) for i in range(config.model.num_classes)])
     return Loaded(config, net, stats, classes)

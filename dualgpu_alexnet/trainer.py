@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .comm import Comm
 from .config import Config, ConfigError
 from .data import Batch, DataStats, Prefetcher, open_data, to_input, train_batch
-from .evaluate import evaluate, share_stats
+from .evaluate import evaluate
 from .init import init_shard
 from .layers import softmax_cross_entropy
 from .metrics import JsonlWriter, topk_errors
@@ -37,6 +37,7 @@ from .optim import SGD, LRSchedule
 from .partition import check_world_size, full_shapes, plan
 from .reporting import Reporter
 from .runtime import StopFlag, current_rss_mib, peak_rss_mib
+from .sharing import bcast_ints, share_batch, share_stats
 from .state import gather_whole, scatter_whole
 
 
@@ -59,31 +60,6 @@ class RunOptions:
     steps: int | None = None  # training length in steps (overrides the config)
     epochs: float | None = None  # training length in epochs (overrides the config)
     quiet: bool = False  # no progress lines
-
-
-def bcast_ints(comm: Comm, values: list[int] | None, count: int, layer: str) -> list[int]:
-    """Small integers from the coordinator to every rank."""
-    array = np.array(values, np.int64) if comm.is_coordinator else None
-    return [int(v) for v in comm.bcast(array, (count,), np.int64, layer)]
-
-
-def share_batch(comm: Comm, batch: Batch | None, input_size: int) -> Batch:
-    """The coordinator's batch on every rank: uint8 pixels plus (N, 6) crop/flip/noise floats.
-
-    Labels stay at the coordinator (the other ranks get zeros).
-    """
-    (n,) = bcast_ints(comm, None if batch is None else [len(batch.images)], 1, "batch")
-    images = comm.bcast(None if batch is None else np.ascontiguousarray(batch.images),
-                        (n, input_size, input_size, 3), np.uint8, "batch")
-    aux = None
-    if batch is not None:
-        aux = np.concatenate([batch.offsets, batch.flips[:, None], batch.noise],
-                             axis=1).astype(np.float32)
-    aux = comm.bcast(aux, (n, 6), np.float32, "batch")
-    if batch is not None:
-        return batch
-    return Batch(images=images, offsets=aux[:, :2].astype(np.int32), flips=aux[:, 2] > 0.5,
-                 noise=np.ascontiguousarray(aux[:, 3:]), labels=np.zeros(n, np.int64))
 
 
 class Trainer:
