@@ -20,7 +20,17 @@ from .comm import Comm
 from .config import Config
 from .layers import LRN, Conv2D, Dropout, FlattenCHW, Linear, MaxPool, ReLU
 from .mappings import ChannelCrop, ChannelHalo, GatherChannels, GatherToRoot
-from .partition import DEVICE0, GATHERED, IMAGE, LOCAL, POOL_SIZE, POOL_STRIDE, plan
+from .partition import (
+    DEVICE0,
+    GATHERED,
+    IMAGE,
+    LOCAL,
+    POOL_SIZE,
+    POOL_STRIDE,
+    LayerPlan,
+    lrn_halo,
+    plan,
+)
 
 
 class Net:
@@ -67,7 +77,7 @@ class Net:
                 self._add(f"{name}.relu", ReLU(inplace=True))
             post = []
             if spec.lrn:
-                post.append(self._lrn_stages(name, hosted))
+                post.append(self._lrn_stages(p, hosted))
             if spec.pool:
                 post.append([(f"{name}.pool", MaxPool(POOL_SIZE, POOL_STRIDE))])
             if m.lrn_place == "after_pool":
@@ -84,15 +94,15 @@ class Net:
             self._add("logits.gather", GatherToRoot(comm, "logits", root=comm.coordinator))
         self.timings: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in self.stages}
 
-    def _lrn_stages(self, name: str, hosted: int) -> list[tuple[str, object]]:
-        """LRN within each device's channels, or across all (with a halo exchange when split)."""
-        m = self.config.model
-        across = m.lrn_scope == "all"
+    def _lrn_stages(self, p: LayerPlan, hosted: int) -> list[tuple[str, object]]:
+        """LRN within each device's channels, or across all (a halo exchange when split)."""
+        m, name = self.config.model, p.name
+        halo, _ = lrn_halo(m, p)  # channels the window reaches into the neighbouring device
         lrn = LRN(size=m.lrn_size, k=m.lrn_k, alpha=m.lrn_alpha, beta=m.lrn_beta,
-                  alpha_over_n=m.lrn_alpha_over_n, groups=1 if across else hosted)
-        if not (across and self.comm.size > 1):
+                  alpha_over_n=m.lrn_alpha_over_n,
+                  groups=1 if m.lrn_scope == "all" else hosted)
+        if not (halo and self.comm.size > 1):
             return [(f"{name}.lrn", lrn)]
-        halo = m.lrn_size // 2  # channels the window reaches into the neighbouring device
         return [(f"{name}.lrn.halo", ChannelHalo(self.comm, f"{name}.lrn", halo)),
                 (f"{name}.lrn", lrn), (f"{name}.lrn.crop", ChannelCrop(halo))]
 
