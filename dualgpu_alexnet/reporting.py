@@ -39,12 +39,13 @@ class Reporter:
     def step(self, r: dict, total_steps: int) -> None:
         if not self.active:
             return
-        share = 100 * r["comm_seconds"] / r["seconds"] if r["seconds"] else 0.0
-        wait = 100 * r["data_wait"] / r["seconds"] if r["seconds"] else 0.0
+        seconds = r["seconds"] or 1.0
+        most, least = (100 * r[k] / seconds for k in ("comm_seconds", "comm_seconds_min"))
+        share = f"{most:.1f}%" if self.world == 1 else f"{least:.1f}-{most:.1f}%"
         self.line(f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | "
                   f"top-1 err {r['top1_err']:.3f} | lr {r['lr']:.2e} | "
-                  f"{r['images_per_s']:.1f} img/s | comm {share:.1f}% ({r['comm_mb']:.1f} MB) | "
-                  f"data wait {wait:.1f}%")
+                  f"{r['images_per_s']:.1f} img/s | comm {share} ({r['comm_mb']:.1f} MB) | "
+                  f"data wait {100 * r['data_wait'] / seconds:.1f}%")
 
     def eval(self, step: int, result: dict) -> None:
         self.line(f"  validation at step {step}: top-1 err {result['top1_err']:.3f}, "

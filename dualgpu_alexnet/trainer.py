@@ -252,10 +252,12 @@ class Trainer:
     def _record(self, step: int, out: dict, lr: float, seconds: float, wait: float) -> dict:
         events = self.comm.take_events()
         nbytes = self.comm.allreduce_sum(np.array([sum(e.nbytes for e in events)]))[0]
-        comm_s = self.comm.allreduce_max(np.array([sum(e.seconds for e in events)]))[0]
+        mine = sum(e.seconds for e in events)  # inside collectives, waiting included
+        most, least = self.comm.allreduce_max(np.array([mine, -mine]))
         return {"step": step, "loss": out["loss"], "top1_err": out["top1_err"], "lr": lr,
                 "seconds": seconds, "images_per_s": self.config.train.batch_size / seconds,
-                "comm_seconds": float(comm_s), "comm_mb": float(nbytes) / 1e6,
+                "comm_seconds": float(most), "comm_seconds_min": float(-least),
+                "comm_mb": float(nbytes) / 1e6,
                 "data_wait": wait, "rss_mib": current_rss_mib()}
 
     def _checkpoint_due(self, step: int, last_save: float) -> bool:
