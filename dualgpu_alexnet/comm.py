@@ -207,22 +207,18 @@ class Comm:
 
     def allreduce_max(self, x: np.ndarray, layer: str = "flags") -> np.ndarray:
         """Element-wise maximum over ranks of a small float64 vector."""
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        if self.size == 1:
-            return x
-        out = np.empty_like(x)
-        self._run(layer, "allreduce", "ctl", x.nbytes,
-                  lambda: self._comm.Allreduce(x, out, op=MPI.MAX))
-        return out
+        return self._allreduce(x, MPI.MAX, layer)
 
     def allreduce_sum(self, x: np.ndarray, layer: str = "metrics") -> np.ndarray:
         """Element-wise sum over ranks of a small float64 vector."""
+        return self._allreduce(x, MPI.SUM, layer)
+
+    def _allreduce(self, x: np.ndarray, op: MPI.Op, layer: str) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float64)
         if self.size == 1:
             return x
         out = np.empty_like(x)
-        self._run(layer, "allreduce", "ctl", x.nbytes,
-                  lambda: self._comm.Allreduce(x, out, op=MPI.SUM))
+        self._run(layer, "allreduce", "ctl", x.nbytes, lambda: self._comm.Allreduce(x, out, op=op))
         return out
 
     def barrier(self) -> None:
