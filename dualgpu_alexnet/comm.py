@@ -17,11 +17,14 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
+T = TypeVar("T")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8),
            np.dtype(np.int32), np.dtype(np.int64))
 
@@ -245,6 +248,23 @@ class Comm:
         text = self.bcast_text(error or "", "error")
         if text:
             raise AgreedError(text)
+
+    def on_coordinator(self, work: Callable[[], T],
+                       errors: tuple[type[BaseException], ...] = (ValueError,)) -> T | None:
+        """Run `work()` on the coordinator only; its bad-input error stops every rank alike.
+
+        Returns:
+            work()'s result on the coordinator, None elsewhere. An exception of a type in
+            `errors` is raised as AgreedError (same message) on every rank.
+        """
+        result, error = None, None
+        if self.is_coordinator:
+            try:
+                result = work()
+            except errors as e:
+                error = str(e)
+        self.agree(error)
+        return result
 
     def local_size(self) -> int:
         """Ranks of this communicator on this host."""

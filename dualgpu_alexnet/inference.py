@@ -48,18 +48,15 @@ def load_for_inference(path: str, comm: Comm, preset: str = "alexnet2012",
         path: a checkpoint in the conventional layout (ours or converted).
         preset, overrides: the model description for files that carry no config.
     """
-    tensors, meta, text, error = {}, {}, "", None
-    if comm.is_coordinator:
-        try:
-            tensors, meta = ckpt.load_checkpoint(path, require_checksum=False)
-            config = (config_mod.from_toml_text(meta["config"]) if "config" in meta
-                      else config_mod.load(preset))
-            config = config_mod.apply_overrides(config, overrides)
-            ckpt.check_shapes(tensors, full_shapes(config.model), path)
-            text = config.to_toml()
-        except ValueError as e:
-            error = str(e)
-    comm.agree(error)
+    def work() -> tuple[dict, dict, str]:
+        tensors, meta = ckpt.load_checkpoint(path, require_checksum=False)
+        config = (config_mod.from_toml_text(meta["config"]) if "config" in meta
+                  else config_mod.load(preset))
+        config = config_mod.apply_overrides(config, overrides)
+        ckpt.check_shapes(tensors, full_shapes(config.model), path)
+        return tensors, meta, config.to_toml()
+
+    tensors, meta, text = comm.on_coordinator(work) or ({}, {}, "")
     config = config_mod.from_toml_text(comm.bcast_text(text, "config"))
     check_world_size(config, comm.size)
     net = Net(config, comm, scatter_whole(tensors, config.model, comm))
@@ -123,14 +120,8 @@ def probabilities_of_files(model: Loaded, comm: Comm, paths: list[str],
     cfg = model.config
     for start in range(0, len(paths), batch):
         names = paths[start:start + batch]
-        shared, error = None, None
-        if comm.is_coordinator:
-            try:
-                stored = np.stack([_decode(p, cfg.data.image_size) for p in names])
-                shared = centre_batch(stored, cfg.model.input_size)
-            except ValueError as e:
-                error = str(e)
-        comm.agree(error)
+        shared = comm.on_coordinator(lambda names=names: centre_batch(
+            np.stack([_decode(p, cfg.data.image_size) for p in names]), cfg.model.input_size))
         shared = share_batch(comm, shared, cfg.model.input_size)
         x = to_input(shared, model.stats, cfg, dtype=np.dtype(cfg.model.dtype))
         logits = model.net.forward(x, train=False)

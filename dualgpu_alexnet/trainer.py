@@ -109,41 +109,37 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
 
     def _open_data(self) -> None:
-        self.train_ds = self.val_ds = None
-        error, stats = None, None
-        if self.comm.is_coordinator:
-            try:
-                self.train_ds, self.val_ds, stats = open_data(self.opts.data, self.config)
-                classes = len(self.train_ds.classes)
-                if classes > self.config.model.num_classes:
-                    error = (f"{self.opts.data or 'the synthetic data'} has {classes} classes "
-                             f"but model.num_classes={self.config.model.num_classes}")
-            except (ValueError, OSError) as e:
-                error = str(e)
-        self.comm.agree(error)
+        def work():
+            train, val, stats = open_data(self.opts.data, self.config)
+            if len(train.classes) > self.config.model.num_classes:
+                raise ValueError(f"{self.opts.data or 'the synthetic data'} has "
+                                 f"{len(train.classes)} classes but "
+                                 f"model.num_classes={self.config.model.num_classes}")
+            return train, val, stats
+
+        opened = self.comm.on_coordinator(work, (ValueError, OSError))
+        self.train_ds, self.val_ds, stats = opened or (None, None, None)
         self.stats: DataStats = share_stats(self.comm, stats, self.config)
 
     def _prepare_run_dir(self) -> Path | None:
         """Coordinator: the run directory (refusing one that holds another run); None elsewhere."""
-        out, error = None, None
-        if self.comm.is_coordinator:
+        def work() -> Path:
             if self.opts.resume:
-                out = Path(self.opts.resume)
-            else:
-                out = Path(self.opts.out) if self.opts.out else Path("runs") / (
-                    f"{self.config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                try:
-                    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                        error = (f"{out} already holds a run (or is not a folder); pass "
-                                 f"--resume {out} to continue it or choose another --out "
-                                 "(nothing was overwritten)")
-                    else:
-                        out.mkdir(parents=True, exist_ok=True)
-                        (out / "config.toml").write_text(self.config.to_toml())
-                except OSError as e:
-                    error = f"cannot create the run directory {out}: {e}"
-        self.comm.agree(error)
-        return out
+                return Path(self.opts.resume)
+            out = Path(self.opts.out) if self.opts.out else Path("runs") / (
+                f"{self.config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                    raise ValueError(f"{out} already holds a run (or is not a folder); pass "
+                                     f"--resume {out} to continue it or choose another --out "
+                                     "(nothing was overwritten)")
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "config.toml").write_text(self.config.to_toml())
+            except OSError as e:
+                raise ValueError(f"cannot create the run directory {out}: {e}") from None
+            return out
+
+        return self.comm.on_coordinator(work)
 
     def _total_steps(self, n_train: int) -> int:
         opts, t = self.opts, self.config.train
@@ -158,16 +154,12 @@ class Trainer:
 
     def _load(self, path: str | Path, require_checksum: bool) -> tuple[dict, dict] | None:
         """Coordinator: read and shape-check a checkpoint; the same clear error on every rank."""
-        loaded, error = None, None
-        if self.comm.is_coordinator:
-            try:
-                tensors, meta = ckpt.load_checkpoint(path, require_checksum=require_checksum)
-                ckpt.check_shapes(tensors, full_shapes(self.config.model), path)
-                loaded = (tensors, meta)
-            except ValueError as e:
-                error = str(e)
-        self.comm.agree(error)
-        return loaded
+        def work() -> tuple[dict, dict]:
+            tensors, meta = ckpt.load_checkpoint(path, require_checksum=require_checksum)
+            ckpt.check_shapes(tensors, full_shapes(self.config.model), path)
+            return tensors, meta
+
+        return self.comm.on_coordinator(work)
 
     def _read_resume(self) -> tuple[dict, dict] | None:
         return self._load(Path(self.opts.resume) / ckpt.LATEST_NAME, require_checksum=True)

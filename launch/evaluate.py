@@ -31,13 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     def body(comm) -> int:
         model = load_for_inference(args.checkpoint, comm, args.config, args.overrides)
         cli.configure_rank(comm, model.config)
-        val, error = None, None
-        if comm.is_coordinator:
-            try:
-                _, val, _ = open_data(args.data, model.config)
-            except (ValueError, OSError) as e:
-                error = str(e)
-        comm.agree(error)
+        opened = comm.on_coordinator(lambda: open_data(args.data, model.config),
+                                     (ValueError, OSError))
+        val = opened[1] if opened else None
         results = {}
         for crops in (("center", "ten") if args.crops == "both" else (args.crops,)):
             results[crops] = evaluate(model.net, comm, val, model.stats, model.config,

@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     def body(comm) -> int:
         model = load_for_inference(args.checkpoint, comm, args.config, args.overrides)
         if args.input:
-            x, error = None, None
-            if comm.is_coordinator:
+            def read():
                 try:
-                    x = np.load(args.input, allow_pickle=False)
+                    return np.load(args.input, allow_pickle=False)
                 except (OSError, ValueError) as e:
-                    error = f"{args.input}: cannot read a .npy array: {e}"
-            comm.agree(error)
+                    raise ValueError(f"{args.input}: cannot read a .npy array: {e}") from None
+
+            x = comm.on_coordinator(read)
             logits = logits_of_arrays(model, comm, x)
             if comm.is_coordinator:
                 np.save(args.output, logits)
